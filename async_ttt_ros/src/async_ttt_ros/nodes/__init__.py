@@ -1,0 +1,1 @@
+"""Thin rclpy layers over the core: parameters, QoS, conversion, wiring."""
