@@ -1,0 +1,1 @@
+"""Subcommands of `async-ttt` (see async_ttt_ros.cli): one module per command."""
