@@ -1,4 +1,5 @@
 """ament_python package of async_ttt_ros (code lives under src/, launch and config are data)."""
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
@@ -14,7 +15,8 @@ setup(
         ('share/ament_index/resource_index/packages', ['resource/' + PACKAGE]),
         ('share/' + PACKAGE, ['package.xml']),
         ('share/' + PACKAGE + '/launch', glob('launch/*.py')),
-        ('share/' + PACKAGE + '/config', glob('config/*')),
+        ('share/' + PACKAGE + '/config', [f for f in glob('config/*') if os.path.isfile(f)]),
+        ('share/' + PACKAGE + '/config/sros2', glob('config/sros2/*')),
     ],
     install_requires=['setuptools'],
     zip_safe=True,
