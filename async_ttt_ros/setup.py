@@ -18,7 +18,8 @@ setup(
         ('share/' + PACKAGE + '/config', [f for f in glob('config/*') if os.path.isfile(f)]),
         ('share/' + PACKAGE + '/config/sros2', glob('config/sros2/*')),
     ],
-    install_requires=['setuptools'],
+    # torch is left to the user on purpose: an unpinned resolve pulls a multi-GB CUDA build.
+    install_requires=['setuptools', 'numpy', 'pyyaml', 'matplotlib', 'tqdm', 'rosbags>=0.10'],
     zip_safe=True,
     maintainer='async_ttt_ros maintainers',
     maintainer_email='maintainers@async-ttt-ros.dev',
