@@ -28,13 +28,15 @@ train: setup
 	$(VENV)/bin/async-ttt train
 
 test: setup
+	@# Train (or load) the cached source model once with 2 threads, before tests need it.
+	$(VENV)/bin/async-ttt train
 	$(PYTEST) $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) scripts/demo.py --seconds $(DEMO_SECONDS)
+	$(PY) scripts/demo.py --duration $(DEMO_SECONDS)
 
 bench-live: setup
-	$(PY) scripts/bench_live.py
+	$(PY) scripts/bench_live.py --markdown
 
 eval: setup
 	$(VENV)/bin/async-ttt eval --out results/eval

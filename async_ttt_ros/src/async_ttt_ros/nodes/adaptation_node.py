@@ -1,0 +1,314 @@
+"""adaptation_node: learns from perception's latents on its own clock and sends versioned deltas.
+
+- `latents` (best effort, keep last 5) arrive in their own callback group and go into the
+  Adapter's memory; a busy adapter drops latents, perception never notices.
+- A timer at `adapt_rate` Hz runs Adapter.step(); a proposal's delta goes to perception with
+  `call_async` (never a blocking call() inside a callback: ros2/examples client_async_callback),
+  with at most one request in flight. Its future's done-callback acknowledges or records the
+  refusal; a call that does not answer within `call_timeout` is abandoned and counted.
+- After any refusal, timeout or restart the adapter resynchronises: it fetches the served state
+  with `get_adaptable_state` (also async) and adopts it before proposing again, so it never
+  builds on a version perception does not serve.
+- `adaptation_status` (latched) reports memory, steps, gate decisions and delivery counters.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
+from rclpy.node import Node
+
+from async_ttt_ros_interfaces.msg import AdaptationStatus, LatentBatch
+from async_ttt_ros_interfaces.srv import ApplyParameterDelta, GetAdaptableState
+
+from .. import qos
+from ..ros_conversions import (DeltaFormatError, LatentFormatError, delta_to_request,
+                               latents_from_msg, state_from_response)
+from ._common import declare, diagnostic_array, load_hmac_key, run
+
+METHODS = ('source', 'norm', 'tent', 'eata', 'safe')
+
+
+class AdaptationNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__('adaptation_node', **kwargs)
+        self.arch = declare(self, 'arch', 'fmnist_cnn', 'Model architecture (as perception_node).',
+                            choices=('fmnist_cnn', 'camera_resnet18'))
+        tap = declare(self, 'tap', '', 'Split point ("" = architecture default); must match '
+                      'perception_node.')
+        threads = declare(self, 'num_threads', 1, 'torch.set_num_threads for this process.',
+                          int_range=(1, 256))
+        self.method = declare(self, 'method', 'norm', 'Adaptation method.', choices=METHODS)
+        self.adapt_rate = declare(self, 'adapt_rate', 2.0, 'Adaptation steps per second.',
+                                  float_range=(0.01, 1000.0))
+        batch = declare(self, 'batch_size', 64, 'Latents per adaptation step.', int_range=(1, 4096))
+        capacity = declare(self, 'memory_capacity', 512, 'Latents kept in memory.',
+                           int_range=(1, 1_000_000))
+        gate = declare(self, 'gate', True, 'Score every proposal with the reputation gate.')
+        self.call_timeout = declare(self, 'call_timeout', 2.0, 'Seconds before an unanswered '
+                                    'delta or state request counts as failed.',
+                                    float_range=(0.01, 600.0))
+        epochs = declare(self, 'train_epochs', 2, 'Source model: training epochs (cache key).',
+                         int_range=(1, 100))
+        seed = declare(self, 'seed', 0, 'Source model seed (cache key).', int_range=(0, 2**31 - 1))
+        cache_dir = declare(self, 'cache_dir', '', 'Model cache ("" = default).')
+        self.hmac_env = declare(self, 'hmac_key_env', '', 'Environment variable holding the HMAC '
+                                'key to sign deltas with ("" = unsigned).')
+        hmac_file = declare(self, 'hmac_key_file', '', 'File holding the HMAC key to sign deltas '
+                            'with (wins over hmac_key_env; "" = not used).')
+        max_delta_norm = declare(self, 'max_delta_norm', 1000.0, 'Deltas above this L2 norm are '
+                                 'scaled down to it; use perception_node\'s bound.',
+                                 float_range=(1e-6, 1e9))
+        lr = declare(self, 'lr', 0.0, 'Learning rate of gradient methods (tent, eata, safe); '
+                     '0 = the method default.', float_range=(0.0, 10.0))
+        status_period = declare(self, 'status_period', 1.0, 'Seconds between status messages.',
+                                float_range=(0.05, 3600.0))
+        torch.set_num_threads(int(threads))
+
+        from ..core.adapter import Adapter
+        from ..core.training import load_or_train
+        source = load_or_train(self.arch, tap or None, epochs=epochs, seed=seed,
+                               cache_dir=cache_dir or None, log=self.get_logger().info)
+        self.tap = source.tap
+        self.latent_shape = tuple(source.latent_shape)
+        hmac_key = load_hmac_key(self.hmac_env, hmac_file)
+        hp = {'lr': lr} if lr > 0 else {}
+        self.adapter = Adapter(source, self.method, memory_capacity=capacity, batch_size=batch,
+                               gate=gate, max_delta_norm=max_delta_norm, hmac_key=hmac_key,
+                               proposer=self.get_fully_qualified_name(), **hp)
+
+        # Adapter state is touched by the latents callback and the step timer: one lock.
+        self._lock = threading.Lock()
+        # The request in flight is read by the timer and cleared by done-callbacks (which the
+        # multi-threaded executor may run on another thread).
+        self._flight_lock = threading.Lock()
+        self.served_version = None      # None until the first resync succeeded
+        self._in_flight = None          # (future, kind, t0, delta_id)
+        self.latents_received = 0
+        self.latents_dropped = 0
+        # why latents were dropped (diagnostics: dropped_<reason>); `version` = tagged with a
+        # model version perception never acknowledged to us (newer than any we know of)
+        self.dropped_by_reason = {'tap': 0, 'shape': 0, 'nonfinite': 0, 'version': 0}
+        self._unknown_version_at = None   # monotonic time of the last such batch
+        self._last_resync_request = -1e9
+        self.deltas_sent = 0
+        self.deltas_accepted = 0
+        self.deltas_refused = 0
+        self.calls_failed = 0
+        self.resyncs = 0
+
+        latent_group = MutuallyExclusiveCallbackGroup()
+        step_group = MutuallyExclusiveCallbackGroup()   # timer + client responses: one at a time
+        status_group = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(LatentBatch, 'latents', self._on_latents, qos.latents_qos(),
+                                 callback_group=latent_group)
+        self.apply_client = self.create_client(ApplyParameterDelta, 'apply_parameter_delta',
+                                               callback_group=step_group)
+        self.state_client = self.create_client(GetAdaptableState, 'get_adaptable_state',
+                                               callback_group=step_group)
+        self.status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status', qos.status_qos())
+        self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', qos.diagnostics_qos())
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self.create_timer(1.0 / self.adapt_rate, self._on_timer, callback_group=step_group)
+        self.create_timer(status_period, self._publish_status, callback_group=status_group,
+                          clock=steady)
+        self.get_logger().info(f'adaptation: {self.method} on {self.arch} tap={self.tap} at '
+                               f'{self.adapt_rate:g} Hz, batch {batch}, gate {"on" if gate else "off"}')
+
+    # -- input -----------------------------------------------------------------------------------
+    def _drop(self, reason: str, detail: str, n: int = 1) -> None:
+        self.latents_dropped += n
+        self.dropped_by_reason[reason] += n
+        self.get_logger().warning(f'dropping latents ({reason}): {detail}', throttle_duration_sec=5.0)
+
+    def _on_latents(self, msg: LatentBatch) -> None:
+        self.latents_received += 1
+        if msg.tap != self.tap:
+            self._drop('tap', f'from tap {msg.tap!r}, this node adapts {self.tap!r}')
+            return
+        try:
+            view = latents_from_msg(msg, self.tap, self.latent_shape)
+        except LatentFormatError as exc:
+            self._drop('nonfinite' if 'non-finite' in str(exc) else 'shape', str(exc))
+            return
+        version = int(msg.model_version)
+        with self._lock:
+            # Latents are only as good as the model version they are tagged with: one newer than
+            # anything acknowledged to us means perception restarted, another adapter got a
+            # delta in, or the message is forged. Never learn from it; resync instead.
+            known = self.adapter.acked_version + (1 if self.adapter.pending is not None else 0)
+            if version > known or version < 0:
+                self._unknown_version_at = time.monotonic()
+                self._drop('version', f'model_version {version}, newest known {known}',
+                           int(view.shape[0]))
+                return
+            predicted = list(msg.predicted_classes) or None
+            if predicted is not None and len(predicted) != view.shape[0]:
+                predicted = None
+            self.adapter.ingest(torch.from_numpy(view.copy()), version, predicted)
+
+    # -- the adaptation clock --------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        if not self.context.ok():     # shutting down: no more requests
+            return
+        with self._flight_lock:
+            in_flight = self._in_flight
+            if in_flight is not None:
+                future, kind, t0, _ = in_flight
+                if future.done() or time.monotonic() - t0 < self.call_timeout:
+                    return                    # answered (callback queued) or still waiting
+                # No answer: abandon it (perception may be gone), resync before proposing again.
+                self._in_flight = None
+        if in_flight is not None:
+            client = self.apply_client if kind == 'delta' else self.state_client
+            client.remove_pending_request(future)
+            future.cancel()
+            self.calls_failed += 1
+            self.get_logger().warning(f'{kind} request timed out after {self.call_timeout:g} s',
+                                      throttle_duration_sec=5.0)
+            with self._lock:
+                self.served_version = None
+        with self._lock:
+            if self.adapter.needs_resync:   # latents from a version we never acknowledged
+                self.served_version = None
+            # Unknown versions ask for a resync, at most once per call_timeout, so a stream of
+            # bogus versions cannot keep the adapter resynchronising instead of adapting.
+            if (self._unknown_version_at is not None and self.served_version is not None
+                    and time.monotonic() - self._last_resync_request > max(self.call_timeout, 2.0)):
+                self.served_version = None
+            self._unknown_version_at = None
+        if self.served_version is None:
+            self._request_state()
+            return
+        with self._lock:
+            proposal = self.adapter.step()
+        if proposal is None or proposal.delta is None:
+            return
+        delta = proposal.delta
+        try:
+            request = delta_to_request(delta)
+        except DeltaFormatError as exc:   # a bug in the method, not a transport problem
+            self.get_logger().error(f'cannot send delta: {exc}')
+            with self._lock:
+                self.adapter.refused(f'unsendable: {exc}')
+            return
+        if not self.apply_client.service_is_ready():
+            with self._lock:
+                self.adapter.refused('perception not reachable')
+                self.served_version = None
+            return
+        future = self.apply_client.call_async(request)
+        with self._flight_lock:   # set before add_done_callback, which may run it at once
+            self._in_flight = (future, 'delta', time.monotonic(), delta.delta_id)
+        self.deltas_sent += 1
+        future.add_done_callback(self._on_delta_response)
+
+    def _on_delta_response(self, future) -> None:
+        with self._flight_lock:
+            if self._in_flight is None or self._in_flight[0] is not future:
+                return                      # abandoned after a timeout
+            self._in_flight = None
+        if future.cancelled() or future.exception() is not None:
+            self.calls_failed += 1
+            with self._lock:
+                self.served_version = None
+            return
+        response = future.result()
+        with self._lock:
+            if response.accepted:
+                self.adapter.acknowledge(int(response.version))
+                self.served_version = int(response.version)
+                self.deltas_accepted += 1
+            else:
+                self.adapter.refused(str(response.reason))
+                self.deltas_refused += 1
+                self.served_version = None       # resync on the next tick
+        if not response.accepted:
+            self.get_logger().info(f'delta refused: {response.reason}', throttle_duration_sec=2.0)
+
+    def _request_state(self) -> None:
+        if not self.state_client.service_is_ready():
+            self.get_logger().info('waiting for get_adaptable_state ...', throttle_duration_sec=10.0)
+            return
+        self._last_resync_request = time.monotonic()
+        future = self.state_client.call_async(GetAdaptableState.Request())
+        with self._flight_lock:
+            self._in_flight = (future, 'state', time.monotonic(), '')
+        future.add_done_callback(self._on_state_response)
+
+    def _on_state_response(self, future) -> None:
+        with self._flight_lock:
+            if self._in_flight is None or self._in_flight[0] is not future:
+                return
+            self._in_flight = None
+        if future.cancelled() or future.exception() is not None:
+            self.calls_failed += 1
+            return
+        response = future.result()
+        if response.tap != self.tap:
+            self.get_logger().error(f'perception serves tap {response.tap!r}, this adapter is '
+                                    f'configured for {self.tap!r}: not adapting',
+                                    throttle_duration_sec=10.0)
+            return
+        try:
+            version, state = state_from_response(response)
+            with self._lock:
+                self.adapter.resync(version, state)
+                self.served_version = version
+        except (DeltaFormatError, ValueError, KeyError) as exc:
+            self.calls_failed += 1
+            self.get_logger().error(f'cannot adopt served state: {exc}', throttle_duration_sec=10.0)
+            return
+        self.resyncs += 1
+        self.get_logger().info(f'synchronised with served version {version}')
+
+    # -- status ----------------------------------------------------------------------------------
+    def _publish_status(self) -> None:
+        if not self.context.ok():
+            return
+        msg = AdaptationStatus()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        with self._lock:
+            st = self.adapter.status()
+        msg.method = self.method
+        msg.served_version = int(self.served_version or 0)
+        msg.memory_size = int(st['memory_size'])
+        msg.latents_received = self.latents_received
+        msg.latents_dropped = self.latents_dropped + int(st['latents_dropped'])
+        msg.steps = int(st['steps'])
+        msg.accepted = int(st['accepted'])
+        msg.held = int(st['held'])
+        msg.rolled_back = int(st['rolled_back'])
+        msg.resets = int(st['resets'])
+        msg.deltas_sent = self.deltas_sent
+        msg.deltas_refused = self.deltas_refused
+        msg.calls_failed = self.calls_failed
+        msg.last_decision = str(st['last_decision'])
+        msg.last_score = float(st['last_score'])
+        msg.last_reason = str(st['last_reason'])[:200]
+        msg.step_ms = float(st['step_ms'])
+        self.status_pub.publish(msg)
+        synced = self.served_version is not None
+        self.diag_pub.publish(diagnostic_array(
+            self, 'adaptation_node: adapter', DiagnosticStatus.OK if synced else DiagnosticStatus.WARN,
+            f'{self.method}: served version {self.served_version}' if synced else 'not synchronised',
+            {'served_version': self.served_version if synced else -1, 'steps': msg.steps,
+             'memory_size': msg.memory_size, 'deltas_sent': self.deltas_sent,
+             'deltas_accepted': self.deltas_accepted, 'deltas_refused': self.deltas_refused,
+             'calls_failed': self.calls_failed, 'resyncs': self.resyncs,
+             'latents_received': self.latents_received, 'latents_dropped': msg.latents_dropped,
+             **{f'dropped_{k}': v for k, v in self.dropped_by_reason.items()},
+             'step_ms': msg.step_ms,
+             'last_decision': msg.last_decision}))
+
+
+def main(args=None) -> int:
+    return run(AdaptationNode, args=args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
