@@ -97,6 +97,8 @@ def image_to_numpy(msg) -> np.ndarray:
     if step % spec.dtype.itemsize:
         raise ImageFormatError(f'step {step} is not a multiple of the {encoding} element size '
                                f'{spec.dtype.itemsize}')
+    if int(msg.is_bigendian) not in (0, 1):
+        raise ImageFormatError(f'is_bigendian must be 0 or 1, got {int(msg.is_bigendian)}')
     buf = _buffer(msg.data)
     if len(buf) != step * height:
         raise ImageFormatError(
@@ -134,10 +136,11 @@ def to_grey(pixels: np.ndarray, encoding: str) -> np.ndarray:
         return (pixels.astype(np.uint16) >> 8).astype(np.uint8)
     if encoding == '32FC1':
         # Float images (depth, normalised intensity): scale the finite range to 0..255.
-        values = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        # float64: hi - lo overflows float32 when values span its whole range.
+        values = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(values.min()), float(values.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        return ((values - lo) * scale).astype(np.uint8)
+        return np.clip((values - lo) * scale, 0, 255).astype(np.uint8)
     rgb = to_rgb(pixels, encoding).astype(np.float32)
     # ITU-R BT.601 luma, the weights OpenCV's cvtColor(RGB2GRAY) uses.
     grey = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114

@@ -181,9 +181,7 @@ class PerceptionNode(Node):
     # -- hot path --------------------------------------------------------------------------------
     def _model_input(self, msg: Image) -> torch.Tensor:
         from ..core.model import preprocess, preprocess_frame
-        if msg.is_bigendian not in (0, 1):   # a flag, not a byte: anything else is corruption
-            raise ImageFormatError(f'is_bigendian={msg.is_bigendian} (must be 0 or 1)')
-        pixels = image_to_numpy(msg)
+        pixels = image_to_numpy(msg)   # validates encoding, sizes, step, endianness flag
         if self.roi is not None:
             region = crop_to_model_input(pixels, msg.encoding, self.roi, self.served_shape)
             return preprocess(region[None], self.arch)
