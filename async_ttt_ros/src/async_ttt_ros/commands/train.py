@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--cache-dir', default=None,
                         help='checkpoint cache '
                              '(default: $ASYNC_TTT_CACHE or ~/.cache/async_ttt_ros)')
-    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default 2)')
+    parser.add_argument('--threads', type=int, default=2,
+                        help='torch CPU threads for evaluation (training always uses one, so the '
+                             'checkpoint is reproducible bit for bit; default 2)')
     parser.add_argument('--retrain', action='store_true', help='ignore a cached checkpoint')
     parser.add_argument('--json', action='store_true', help='print the model info as JSON')
 
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         model = load_or_train(args.arch, args.tap, args.epochs, args.seed, args.cache_dir,
-                              log=lambda m: print(m, file=sys.stderr), progress=True,
+                              log=lambda m: print(m, file=sys.stderr),
+                              progress=sys.stderr.isatty(),   # no bar spam in CI logs
                               retrain=args.retrain)
     except DatasetMissingError as exc:
         print(f'error: {exc}', file=sys.stderr)

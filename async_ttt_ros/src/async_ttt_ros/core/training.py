@@ -90,6 +90,18 @@ def train_model(images: np.ndarray, labels: np.ndarray, arch: str = 'fmnist_cnn'
         raise ValueError(f'training is implemented for fmnist_cnn only, not {arch!r}')
     if epochs < 1:
         raise ValueError('epochs must be >= 1')
+    # CPU float reductions are summed in a thread-count-dependent order, so the same seed gives
+    # different weights on 1 and 2 threads. Training always on one thread makes the checkpoint a
+    # function of (config, seed) alone: every machine and every caller gets the same model.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(images, labels, arch, epochs, seed, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(images, labels, arch, epochs, seed, progress, log) -> SplitModel:
     hp = DEFAULT_HPARAMS
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -236,7 +248,7 @@ def _train_and_cache(path: Path, cfg: dict, arch: str, tap: str | None, epochs: 
     acc = evaluate_accuracy(full, test_x, test_y)
     meta = {'arch': arch, 'config': cfg, 'config_hash': config_hash(cfg), 'epochs': epochs,
             'seed': seed, 'clean_accuracy': acc, 'train_seconds': round(train_s, 1),
-            'torch_threads': torch.get_num_threads(), 'torch_version': str(torch.__version__),
+            'torch_threads': 1, 'torch_version': str(torch.__version__),
             'pretrained': False, 'trained': True, 'created': time.strftime('%Y-%m-%dT%H:%M:%SZ',
                                                                            time.gmtime())}
     _atomic_save({'state_dict': full.full_state_dict(), 'meta': meta}, path)
