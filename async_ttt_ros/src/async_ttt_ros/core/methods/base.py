@@ -9,8 +9,17 @@ their running statistics move towards the memory batch with a momentum schedule 
 
 Momentum schedule: m_t = max(min_momentum, 1 / (t + 1 + prior)). With prior = 0 the first step
 replaces the source statistics by those of the first memory batch, later steps average
-cumulatively until the floor `min_momentum` turns it into an exponential moving average that can
-follow drift. `prior` > 0 keeps some weight on the source statistics (Schneider et al. 2020).
+cumulatively until the floor `min_momentum` turns it into an exponential moving average.
+`prior` > 0 keeps some weight on the source statistics (Schneider et al. 2020); it only matters
+when min_momentum < 1.
+
+Default min_momentum = 1.0: the served running statistics are those of the newest training
+batch, which is what TENT/EATA/SAR and test-time BN use (they normalise with the statistics of
+the current test batch, `track_running_stats=False`). Measured on the continual severity-5 stream
+(10 corruptions x 1000 frames, batches of 64 newest latents, predict then adapt): norm 52.1 /
+58.5 / 59.0 % online with min_momentum 0.1 / 0.5 / 1.0, tent 53.2 / 59.3 / 60.2 %. A slow
+average keeps the previous corruption's statistics for ~10 steps after every shift (the
+jpeg_compression segment after contrast lost 8-14 points vs source that way).
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ class AdaptationMethod:
     #: whether step() changes anything at all (False only for 'source')
     adapts = True
 
-    def __init__(self, model: SplitModel, min_momentum: float = 0.1, prior: float = 0.0, **hparams):
+    def __init__(self, model: SplitModel, min_momentum: float = 1.0, prior: float = 0.0, **hparams):
         if hparams:
             raise TypeError(f'{type(self).__name__}: unknown hyper-parameters {sorted(hparams)}')
         if not 0.0 < min_momentum <= 1.0:
