@@ -48,6 +48,12 @@ class AdaptationNode(Node):
         batch = declare(self, 'batch_size', 64, 'Latents per adaptation step.', int_range=(1, 4096))
         capacity = declare(self, 'memory_capacity', 512, 'Latents kept in memory.',
                            int_range=(1, 1_000_000))
+        # The Adapter trains on its newest batch: a step with no new latents (camera stopped,
+        # robot standing still) would re-train on the same frames and drift. Skip those steps.
+        self.min_new_latents = declare(self, 'min_new_latents', 8, 'New latents needed since '
+                                       'the last step before the next one runs.',
+                                       int_range=(0, 1_000_000))
+        self._latents_at_last_step = 0
         gate = declare(self, 'gate', True, 'Score every proposal with the reputation gate.')
         self.call_timeout = declare(self, 'call_timeout', 2.0, 'Seconds before an unanswered '
                                     'delta or state request counts as failed.',
@@ -185,6 +191,10 @@ class AdaptationNode(Node):
             self._request_state()
             return
         with self._lock:
+            seen = self.adapter.counters['latents_received']
+            if seen - self._latents_at_last_step < self.min_new_latents:
+                return
+            self._latents_at_last_step = seen
             proposal = self.adapter.step()
         if proposal is None or proposal.delta is None:
             return
