@@ -317,7 +317,10 @@ class AdaptationNode(Node):
 
 
 def main(args=None) -> int:
-    return run(AdaptationNode, args=args)
+    # One executor thread per callback group (+1 for the default group): with the default
+    # (one per core, 2 here) a step and a status tick waiting for the step's lock took both
+    # threads, and latents queued in DDS (keep last 5) were lost while the step ran.
+    return run(AdaptationNode, threads=4, args=args)
 
 
 if __name__ == '__main__':

@@ -350,7 +350,9 @@ def _class_names():
 
 
 def main(args=None) -> int:
-    return run(PerceptionNode, args=args)
+    # One executor thread per callback group (image, services, diagnostics) + the default group,
+    # so a delta being applied or diagnostics being computed never holds up the next image.
+    return run(PerceptionNode, threads=4, args=args)
 
 
 if __name__ == '__main__':
