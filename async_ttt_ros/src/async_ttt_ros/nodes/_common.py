@@ -165,3 +165,52 @@ def run(node_factory: Callable[[], object], threads: int | None = None,
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+class Outbox:
+    """Publishes from its own thread through a bounded drop-oldest queue.
+
+    Why: `publish()` can block inside the middleware (e.g. Fast DDS waiting on the shared-memory
+    port of a subscriber that was just killed), and the image callback must never wait for that.
+    The callback only enqueues; if the sender falls behind, the oldest pending item is dropped
+    (and counted), exactly like a keep-last QoS would.
+    """
+
+    def __init__(self, publish: Callable[[object], None], make_msg: Callable[..., object],
+                 depth: int = 2, name: str = 'outbox'):
+        self._publish, self._make_msg = publish, make_msg
+        self._queue: collections.deque = collections.deque(maxlen=depth)
+        self._cv = threading.Condition()
+        self._stopped = False
+        self.dropped = 0
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, *args) -> None:
+        with self._cv:
+            if len(self._queue) == self._queue.maxlen:
+                self.dropped += 1
+            self._queue.append(args)
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopped:
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                args = self._queue.popleft()
+            try:
+                self._publish(self._make_msg(*args))
+                self.sent += 1
+            except Exception:   # shutting down: the publisher's context is gone
+                if self._stopped:
+                    return
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=1.0)
