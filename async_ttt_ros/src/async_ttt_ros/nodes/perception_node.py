@@ -38,7 +38,7 @@ from ..imaging import (ENCODINGS, MAX_DIM, ImageFormatError, Roi, crop_to_model_
                        image_to_numpy, to_rgb)
 from ..ros_conversions import (DeltaFormatError, latents_to_msg, prediction_msg, request_to_delta,
                                state_to_response)
-from ._common import Outbox, RateMeter, Rolling, declare, diagnostic_array, load_hmac_key, run
+from ._common import RateMeter, Rolling, declare, diagnostic_array, load_hmac_key, run
 
 MODES = ('async', 'sync', 'none')
 # Why a frame was dropped; each has its own counter in /diagnostics (malformed_<reason>).
@@ -141,10 +141,6 @@ class PerceptionNode(Node):
         self.pred_pub = self.create_publisher(Prediction, 'prediction', qos.prediction_qos())
         self.source_pub = self.create_publisher(Prediction, 'prediction_source', qos.prediction_qos())
         self.latent_pub = self.create_publisher(LatentBatch, 'latents', qos.latents_qos())
-        # Latents leave through their own thread: converting 12k floats and a publish that the
-        # middleware may block (a dead subscriber) never run on the image callback.
-        self.latent_outbox = Outbox(self.latent_pub.publish, latents_to_msg, depth=2,
-                                    name='latents_outbox')
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', qos.diagnostics_qos())
         self.image_sub = self._subscribe_images(image_group)
         self.create_service(ApplyParameterDelta, 'apply_parameter_delta', self._on_apply,
@@ -229,13 +225,10 @@ class PerceptionNode(Node):
         if source_probs is not None:
             self.source_pub.publish(prediction_msg(msg.header, 0, source_probs, self.labels, latency_ms))
         if publish_latents:
-            self.latent_outbox.put(latents, version, self.tap, msg.header, [int(np.argmax(probs))])
+            self.latent_pub.publish(latents_to_msg(latents, version, self.tap, msg.header,
+                                                   [int(np.argmax(probs))]))
         self.latency.add(latency_ms)
         self.frames.tick()
-
-    def destroy_node(self):
-        self.latent_outbox.close()
-        return super().destroy_node()
 
     def _malformed_reason(self, msg: Image) -> str:
         """Which check a refused frame failed (error path only: the hot path never runs this)."""
