@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .atomic import atomic_torch_save
 from .delta import ParameterDelta, verify
 from .model import SplitModel, adaptable_state
 
@@ -255,18 +255,7 @@ class ServedModel:
         payload = {'format': CHECKPOINT_FORMAT, 'version': version, 'arch': self.model.arch,
                    'tap': self.model.tap, 'state': {k: torch.from_numpy(v) for k, v in state.items()},
                    'recent_ids': list(self._recent_ids)}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
-        try:
-            with os.fdopen(fd, 'wb') as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_torch_save(payload, path)
 
     def load_checkpoint(self, path) -> ApplyResult:
         """Restore version and state saved by save_checkpoint; validated before anything changes."""

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_torch_save
 from .data import load_fashion_mnist
 from .model import SplitModel, build_model, preprocess
 
@@ -145,20 +145,7 @@ def _train(images, labels, arch, epochs, seed, progress, log) -> SplitModel:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_torch_save(obj, path)
 
 
 def _split(full: SplitModel, arch: str, tap: str | None, meta: dict) -> SplitModel:
