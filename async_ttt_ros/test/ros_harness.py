@@ -5,12 +5,15 @@ machine (or a developer's running graph) never cross-talk with a test.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import fcntl
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,10 +22,41 @@ CONFIG_DIR = PACKAGE_DIR / 'config'
 FASTDDS_PROFILE = CONFIG_DIR / 'fastdds_large_images.xml'
 
 
+# Domain ids this process holds, oldest first, each with the open lock file that reserves it.
+_held_domains: collections.deque[tuple[int, int]] = collections.deque()
+_DOMAIN_LOCK_DIR = Path(tempfile.gettempdir()) / 'async_ttt_ros_domains'
+# A module-scoped fixture keeps its graph running while later tests start theirs, so an id must
+# not come back soon: it is reused only after this many other allocations in this process.
+_DOMAIN_REUSE_AFTER = 50
+
+
 def free_domain_id() -> int:
-    """A domain id unlikely to be used by another test running at the same time."""
-    # 1..100 keeps every participant's ports valid on Linux (domain ids above ~101 overflow).
-    return random.Random(os.getpid() * 7919 + time.monotonic_ns()).randint(1, 100)
+    """A domain id that no other live test (in this process or another) is using.
+
+    Random picks collided: CI once gave a module-scoped graph and a later test the same id, and
+    the later test talked to the wrong perception node. Ids are therefore reserved with an
+    advisory lock file per id (released when this process exits) and handed out round-robin.
+    1..100 keeps every participant's ports valid on Linux (ids above ~101 overflow).
+    """
+    _DOMAIN_LOCK_DIR.mkdir(exist_ok=True)
+    while len(_held_domains) >= _DOMAIN_REUSE_AFTER:
+        _, fd = _held_domains.popleft()
+        os.close(fd)                                  # closing the fd releases the flock
+    held = {d for d, _ in _held_domains}
+    start = random.Random(os.getpid() * 7919 + time.monotonic_ns()).randrange(100)
+    for k in range(100):
+        domain = 1 + (start + k) % 100
+        if domain in held:
+            continue
+        fd = os.open(_DOMAIN_LOCK_DIR / f'{domain}.lock', os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:                       # another live test process holds it
+            os.close(fd)
+            continue
+        _held_domains.append((domain, fd))
+        return domain
+    raise RuntimeError('every ROS domain id 1..100 is held by a live test process')
 
 
 def ros_env(domain_id: int | None = None, **extra: str) -> dict[str, str]:
