@@ -262,6 +262,9 @@ def test_adaptation_versions_increase_and_survive_a_killed_adapter(graph):
         f'no deltas applied (version {latest_version()}, base {base})'
     versions = [p.model_version for p in probe.predictions]
     assert all(a <= b for a, b in zip(versions, versions[1:])), 'versions went backwards'
+    # the slower clock yields shared cores to perception (niceness 10 in the shared config)
+    assert os.getpriority(os.PRIO_PROCESS, procs['adaptation'].pid) == \
+        os.getpriority(os.PRIO_PROCESS, procs['perception'].pid) + 10
 
     kill(procs['adaptation'])                        # SIGKILL: no cleanup, as a crash
     n, killed_at = len(probe.predictions), latest_version()

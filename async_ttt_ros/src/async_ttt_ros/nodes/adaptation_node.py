@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -73,6 +74,14 @@ class AdaptationNode(Node):
                      '0 = the method default.', float_range=(0.0, 10.0))
         status_period = declare(self, 'status_period', 1.0, 'Seconds between status messages.',
                                 float_range=(0.05, 3600.0))
+        # The adapter is the slower clock: when it shares cores with perception (a 2-core robot
+        # computer), the scheduler should run perception first. A positive niceness needs no
+        # privileges; 0 leaves the process as started (e.g. when a launch prefix or a cgroup
+        # already decides its priority).
+        niceness = declare(self, 'niceness', 10, 'Lower this process\'s CPU priority by this much '
+                           '(os.nice) at start-up, so perception wins shared cores; 0 = unchanged.',
+                           int_range=(0, 19))
+        self.niceness = int(niceness)
         torch.set_num_threads(int(threads))
 
         from ..core.adapter import Adapter
@@ -123,7 +132,8 @@ class AdaptationNode(Node):
         self.create_timer(status_period, self._publish_status, callback_group=status_group,
                           clock=steady)
         self.get_logger().info(f'adaptation: {self.method} on {self.arch} tap={self.tap} at '
-                               f'{self.adapt_rate:g} Hz, batch {batch}, gate {"on" if gate else "off"}')
+                               f'{self.adapt_rate:g} Hz, batch {batch}, gate {"on" if gate else "off"}, '
+                               f'nice +{self.niceness}')
 
     # -- input -----------------------------------------------------------------------------------
     def _drop(self, reason: str, detail: str, n: int = 1) -> None:
@@ -320,7 +330,16 @@ def main(args=None) -> int:
     # One executor thread per callback group (+1 for the default group): with the default
     # (one per core, 2 here) a step and a status tick waiting for the step's lock took both
     # threads, and latents queued in DDS (keep last 5) were lost while the step ran.
-    return run(AdaptationNode, threads=4, args=args)
+    return run(_lowered_priority_node, threads=4, args=args)
+
+
+def _lowered_priority_node() -> AdaptationNode:
+    # Applied here, not in __init__: os.nice changes the whole process, and a node constructed
+    # inside another program (a test, a composed process) must not renice its host.
+    node = AdaptationNode()
+    if node.niceness:
+        os.nice(node.niceness)
+    return node
 
 
 if __name__ == '__main__':
