@@ -218,8 +218,18 @@ def test_stale_malformed_and_valid_deltas(graph):
     np.testing.assert_allclose(new_state[name], state[name] + 0.01, rtol=0, atol=1e-6)
     replay = probe.call(probe.apply, _delta_request(new_version, small, 'ok-1'))
     assert not replay.accepted and 'replay' in replay.reason
-    # checkpoint written atomically after the accepted delta
-    assert (graph['out'] / 'served.pt').is_file()
+    # the accepted delta reaches the checkpoint (written atomically on perception's writer
+    # thread, so it lands a moment after the answer)
+    checkpoint = graph['out'] / 'served.pt'
+
+    def checkpointed_version() -> int:
+        import torch
+        try:
+            return int(torch.load(checkpoint, weights_only=True)['version'])
+        except (OSError, EOFError, RuntimeError, KeyError):
+            return -1
+    assert probe.spin_until(lambda: checkpointed_version() >= new_version, 10.0), \
+        f'checkpoint at version {checkpointed_version()}, served {new_version}'
     # predictions are now tagged with the new version
     assert probe.spin_until(lambda: probe.predictions and
                             probe.predictions[-1].model_version >= new_version, 10.0)

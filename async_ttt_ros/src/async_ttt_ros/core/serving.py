@@ -248,13 +248,16 @@ class ServedModel:
 
     # -- persistence -----------------------------------------------------------------------------
     def save_checkpoint(self, path) -> Path:
-        """Atomic write (temporary file in the same directory + os.replace)."""
+        """Atomic write (temporary file in the same directory + os.replace). Thread-safe: may run
+        on a writer thread while deltas are applied."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        version, state = self.state()
+        with self._apply_lock:   # version, state and replay ids from one moment; the write is outside
+            version, state = self.state()
+            recent_ids = list(self._recent_ids)
         payload = {'format': CHECKPOINT_FORMAT, 'version': version, 'arch': self.model.arch,
                    'tap': self.model.tap, 'state': {k: torch.from_numpy(v) for k, v in state.items()},
-                   'recent_ids': list(self._recent_ids)}
+                   'recent_ids': recent_ids}
         return atomic_torch_save(payload, path)
 
     def load_checkpoint(self, path) -> ApplyResult:

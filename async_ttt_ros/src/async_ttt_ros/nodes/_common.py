@@ -137,18 +137,23 @@ def _fmt(value) -> str:
 
 
 def run(node_factory: Callable[[], object], threads: int | None = None,
-        on_shutdown: Callable[[object], None] | None = None, args=None) -> int:
-    """rclpy.init, build the node, spin a MultiThreadedExecutor until Ctrl-C/SIGTERM, clean up.
+        on_shutdown: Callable[[object], None] | None = None, args=None,
+        single_threaded: bool = False) -> int:
+    """rclpy.init, build the node, spin until Ctrl-C/SIGTERM, clean up.
 
-    `on_shutdown(node)` runs once whatever ends the spin (e.g. the monitor writes its report).
+    A MultiThreadedExecutor with `threads` threads (None: rclpy's default), or, with
+    `single_threaded`, a SingleThreadedExecutor: far less executor overhead per callback, for
+    nodes whose callbacks are all short. `on_shutdown(node)` runs once whatever ends the spin
+    (e.g. the monitor writes its report).
     """
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 
     rclpy.init(args=args)
     node = None
     try:
         node = node_factory()
-        executor = MultiThreadedExecutor(num_threads=threads)
+        executor = (SingleThreadedExecutor() if single_threaded
+                    else MultiThreadedExecutor(num_threads=threads))
         executor.add_node(node)
         try:
             executor.spin()

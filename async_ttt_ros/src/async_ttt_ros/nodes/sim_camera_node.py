@@ -185,7 +185,9 @@ def _class_names():
 
 
 def main(args=None) -> int:
-    return run(SimCameraNode, args=args)
+    # Single-threaded: a frame timer and a 1 Hz diagnostics tick need no thread pool, and the
+    # MultiThreadedExecutor's hand-off per tick costs CPU the perception node needs (see there).
+    return run(SimCameraNode, single_threaded=True, args=args)
 
 
 if __name__ == '__main__':
