@@ -385,8 +385,7 @@ def test_replay_into_perception_node_record_and_score(tmp_path, domain_id, sourc
             node.destroy_node()
     print(f'replay -> perception: {len(received)}/{length} predictions')
     assert replay.returncode == 0, replay_out
-    assert len(received) > 0.3 * length, f'{replay_out}\n{node_out}'   # yields predictions
-    rate_shortfall = len(received) < 0.8 * length
+    assert len(received) >= 0.8 * length, f'{len(received)}/{length}\n{replay_out}\n{node_out}'
     assert set(received) <= set(expected), 'predictions must carry the replayed image stamps'
     agree = np.mean([received[s] == expected[s] for s in received])
     assert agree == 1.0, f'node and offline source model disagree on {1 - agree:.1%} of frames'
@@ -398,10 +397,6 @@ def test_replay_into_perception_node_record_and_score(tmp_path, domain_id, sourc
     run = json.loads((out / 'report.json').read_text())['runs'][0]
     labels = dict(zip(frames.stamps_ns.tolist(), frames.labels.tolist()))
     assert run['frames']['total'] == length, recorder_out         # every ground truth recorded
-    if rate_shortfall:
-        # Open in the tracker: perception missed frames of the replay on the 2-core VM (46-90 of
-        # 90 between runs); every prediction it made is checked above.
-        pytest.xfail(f'perception predicted {len(received)} of {length} replayed frames')
     if run['frames']['predicted'] != len(received):
         # Known race, open in the tracker: the recorder is stopped (SIGINT) right after the last
         # prediction reached the test and sometimes has not written all of them yet.

@@ -145,8 +145,7 @@ def test_predictions_for_nearly_every_frame_at_30hz(graph, source_model):
     hit = sum(stamp_key(t.header) in predicted for t in truths)
     print(f'predictions for {hit}/{len(truths)} frames')
     assert len(truths) == 150
-    assert hit > 0.5 * len(truths)                 # perception classifies the stream at rate
-    shortfall = hit / len(truths) < 0.95           # the issue's bar; checked at the end
+    assert hit >= 0.95 * len(truths), f'predictions for {hit}/{len(truths)} frames at 30 Hz'
     # header copied from the image: frame_id of the camera, stamps match ground truth exactly
     assert probe.predictions[-1].header.frame_id == 'camera_optical_frame'
     # The sim scene is recovered: perception's source-model prediction of each camera frame is
@@ -169,10 +168,6 @@ def test_predictions_for_nearly_every_frame_at_30hz(graph, source_model):
           f'({len(pairs)} frames, {truths[0].corruption} s{truths[0].severity})')
     assert len(pairs) >= 100 and agree >= 0.9
     assert probe.predictions[-1].label and 0.0 < probe.predictions[-1].confidence <= 1.0
-    if shortfall:
-        # Open in the tracker: on this 2-core VM the ratio ranged 100-150 of 150 between runs
-        # (150/150 on an idle machine). Reported with the number, not hidden.
-        pytest.xfail(f'predictions for {hit}/{len(truths)} frames at 30 Hz, below 95 %')
 
 
 def _state(probe):
@@ -285,7 +280,8 @@ def test_adaptation_versions_increase_and_survive_a_killed_adapter(graph):
     probe.spin_until(lambda: False, 0.3)              # the last frames' predictions in flight
     during, frames = len(probe.predictions) - n, len(probe.truths) - t0
     print(f'{during} predictions for {frames} camera frames while the adapter was dead')
-    assert during > 0                                 # perception goes on without the adapter
+    # perception goes on at the camera's rate without the adapter
+    assert during >= 0.8 * frames, f'{during} predictions for {frames} frames after the kill'
     assert latest_version() == killed_at            # nobody else applies deltas
 
     procs['adaptation'] = node_process('adaptation_node', env, *adapter_params)
@@ -299,11 +295,6 @@ def test_adaptation_versions_increase_and_survive_a_killed_adapter(graph):
     assert probe.statuses[-1].method == 'norm' and probe.statuses[-1].steps > 0
     out = stop(procs.pop('adaptation'))
     assert 'synchronised with served version' in out
-    if during < 0.8 * frames:
-        # Known defect, open in the tracker: for a few seconds after a SIGKILLed peer, perception
-        # classifies only part of the frames (measured 32-69 of 69 on the 2-core VM; Fast DDS
-        # keeps writing to the dead participant until its lease expires). Reported, not hidden.
-        pytest.xfail(f'perception slowed after the adapter was killed: {during}/{frames} frames')
 
 
 def test_perception_resumes_from_its_checkpoint(graph):
