@@ -56,8 +56,9 @@ class MonitorNode(Node):
                                      float_range=(0.01, 600.0))
         self.output_dir = declare(self, 'output_dir', 'results/monitor', 'Where report.json and '
                                   'plot.png are written ("" = no report).')
-        self.report_period = declare(self, 'report_period', 10.0, 'Seconds between report '
-                                     'rewrites (0 = only at shutdown).', float_range=(0.0, 3600.0))
+        self.report_period = declare(self, 'report_period', 10.0, 'Seconds between rewrites of '
+                                     'report.json (0 = only at shutdown); plot.png is drawn at '
+                                     'shutdown.', float_range=(0.0, 3600.0))
         diag_period = declare(self, 'diagnostics_period', 1.0, 'Seconds between /diagnostics.',
                               float_range=(0.05, 3600.0))
         self.run_name = declare(self, 'run_name', '', 'Name of the adapted run in the report '
@@ -92,7 +93,9 @@ class MonitorNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', qos.diagnostics_qos())
         self.create_timer(diag_period, self._on_diag_timer, callback_group=group, clock=self._steady)
         if self.report_period > 0 and self.output_dir:
-            self.create_timer(self.report_period, self.write_report,
+            # JSON only: drawing the plot every period held the GIL for long enough to delay
+            # the subscriptions and inflate the very end-to-end latencies this node measures.
+            self.create_timer(self.report_period, lambda: self.write_report(plot=False),
                               callback_group=MutuallyExclusiveCallbackGroup(), clock=self._steady)
 
     # -- joining -----------------------------------------------------------------------------------
@@ -213,8 +216,8 @@ class MonitorNode(Node):
             'correct': correct,
         }
 
-    def write_report(self) -> dict | None:
-        """report.json + plot.png in output_dir (atomic); returns the paths."""
+    def write_report(self, plot: bool = True) -> dict | None:
+        """report.json (+ plot.png) in output_dir (atomic); returns the paths."""
         if not self.output_dir:
             return None
         from ..core.report import write_report
@@ -244,7 +247,8 @@ class MonitorNode(Node):
         try:
             paths = write_report(runs, Path(self.output_dir), segments, window=self.window,
                                  meta={'source': 'monitor_node', 'node': self.get_fully_qualified_name()},
-                                 extra=extra, title='ROS graph: online accuracy under drift')
+                                 extra=extra, plot=plot,
+                                 title='ROS graph: online accuracy under drift')
         except Exception as exc:  # noqa: BLE001 - a failed report must not kill the monitor
             self.get_logger().error(f'writing the report to {self.output_dir} failed: {exc}')
             return None
@@ -277,7 +281,10 @@ def main(args=None) -> int:
             s = node.summary()
             print(f"monitor: {s['frames']} frames, accuracy {_fmt_pct(s['accuracy'])} "
                   f"(source {_fmt_pct(s['source_accuracy'])}), report {paths}", flush=True)
-    return run(MonitorNode, on_shutdown=finish, args=args)
+    # Single-threaded: measured in `make demo`, rclpy's MultiThreadedExecutor spent most of this
+    # node's CPU (~27 ms per frame) on its own bookkeeping (polling its backlog of pending
+    # callback futures), fell behind, and inflated the end-to-end latencies it reports.
+    return run(MonitorNode, on_shutdown=finish, single_threaded=True, args=args)
 
 
 if __name__ == '__main__':
