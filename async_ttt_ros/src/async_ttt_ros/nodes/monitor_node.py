@@ -93,8 +93,8 @@ class MonitorNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', qos.diagnostics_qos())
         self.create_timer(diag_period, self._on_diag_timer, callback_group=group, clock=self._steady)
         if self.report_period > 0 and self.output_dir:
-            # JSON only: drawing the plot every period held the GIL for long enough to delay
-            # the subscriptions and inflate the very end-to-end latencies this node measures.
+            # JSON only: the plot (matplotlib) is the costly part of a report and is needed once,
+            # at shutdown; drawing it every period would hold the GIL this node's joins need.
             self.create_timer(self.report_period, lambda: self.write_report(plot=False),
                               callback_group=MutuallyExclusiveCallbackGroup(), clock=self._steady)
 
