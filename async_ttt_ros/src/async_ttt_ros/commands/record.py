@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 import time
 
 from .. import bags
+from ._interruptible import init_rclpy_stopped_by_signals
 
 HELP = 'record topics of the running graph into a rosbag2 (mcap or sqlite3)'
 
@@ -126,20 +126,7 @@ def run(args: argparse.Namespace) -> int:
         print(f'async-ttt record: {exc}', file=sys.stderr)
         return 2
 
-    stop = {'flag': False}
-
-    def on_signal(_signum, _frame):
-        # Ctrl-C / SIGTERM (launch shutdown) only set a flag: the loop finishes the message being
-        # written and closes the bag, instead of an exception tearing through a write.
-        stop['flag'] = True
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    try:
-        from rclpy.signals import SignalHandlerOptions
-        rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    except ImportError:  # pragma: no cover - very old rclpy
-        rclpy.init()
+    stop = init_rclpy_stopped_by_signals()   # the loops below finish and close the bag
     node = rclpy.create_node('async_ttt_recorder', namespace=args.namespace or None)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
@@ -148,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         f'waiting for: {" ".join(recorder.pending)}')
     deadline = None if args.duration is None else time.monotonic() + args.duration
     try:
-        while not stop['flag']:
+        while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
             if args.max_messages is not None and recorder.total >= args.max_messages:

@@ -13,11 +13,11 @@ the bag's metadata (offered by the original publisher), else the graph's default
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 
 from .. import bags
+from ._interruptible import init_rclpy_stopped_by_signals
 
 HELP = 'publish a rosbag2 with its original timing (rate, loop, start offset, /clock)'
 
@@ -93,17 +93,7 @@ def run(args: argparse.Namespace) -> int:
         reader.close()
         return 2
 
-    stop = {'flag': False}
-
-    def on_signal(_signum, _frame):
-        stop['flag'] = True
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        from rclpy.signals import SignalHandlerOptions
-        rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    except ImportError:  # pragma: no cover
-        rclpy.init()
+    stop = init_rclpy_stopped_by_signals()   # the loops below finish and close the bag
     node = rclpy.create_node('async_ttt_replay')
     publishers, classes, counts = {}, {}, {}
     for conn in conns:
@@ -145,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     def sleep_until(target: float, bag_at) -> None:
         """Sleep to `target` (monotonic), publishing /clock on the way when asked."""
-        while not stop['flag']:
+        while not stop.is_set():
             now = time.monotonic()
             if now >= target:
                 return
@@ -161,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         if args.wait_for_subscribers > 0:
             deadline = time.monotonic() + args.wait_for_subscribers
             unique = {id(p): p for p in publishers.values()}.values()
-            while not stop['flag'] and time.monotonic() < deadline:
+            while not stop.is_set() and time.monotonic() < deadline:
                 if all(p.get_subscription_count() > 0 for p in unique):
                     break
                 time.sleep(0.05)
@@ -171,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         start_ns = reader.start_time + int(args.start_offset * 1e9)
         wanted = [c for c in conns if c.id in publishers]
         loops = 0
-        while not stop['flag']:
+        while not stop.is_set():
             loops += 1
             t0_wall = time.monotonic()
             t0_bag = None
@@ -181,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 # Bag time at a monotonic instant of this pass (for /clock between messages).
                 sleep_until(t0_wall + (ts - t0_bag) / 1e9 / args.rate,
                             lambda now, b=t0_bag, t0=t0_wall: b + int((now - t0) * args.rate * 1e9))
-                if stop['flag']:
+                if stop.is_set():
                     break
                 if clock_pub is not None:
                     publish_clock(ts)
@@ -189,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.loop or t0_bag is None:
                 break
         # Exiting right after the last publish would drop reliable messages still in flight.
-        if args.wait_for_all_acked > 0 and not stop['flag']:
+        if args.wait_for_all_acked > 0 and not stop.is_set():
             from rclpy.duration import Duration
             for pub in {id(p): p for p in publishers.values()}.values():
                 if hasattr(pub, 'wait_for_all_acked'):   # Humble and later
