@@ -113,6 +113,22 @@ class Recorder:
         self.total += 1
 
 
+def _drain(executor, recorder: Recorder, quiet_s: float = 0.1, limit_s: float = 2.0) -> None:
+    """After a stop signal, take what DDS has already delivered before closing the bag.
+
+    A signal sent right after the last message was published (a launch shutting down, a script
+    that saw the message itself) would otherwise leave it in the subscription's queue. Spins
+    until nothing arrived for `quiet_s`, at most `limit_s` so a busy topic cannot hold the stop.
+    """
+    deadline = time.monotonic() + limit_s
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+        before = recorder.total
+        executor.spin_once(timeout_sec=0.02)
+        if recorder.total != before:
+            quiet_since = time.monotonic()
+
+
 def run(args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -141,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
             if args.max_messages is not None and recorder.total >= args.max_messages:
                 break
             executor.spin_once(timeout_sec=0.05)
+        if stop.is_set():
+            _drain(executor, recorder)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
