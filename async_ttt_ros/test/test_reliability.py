@@ -550,6 +550,58 @@ def test_a_service_that_never_answers_blocks_nothing(hung, source_model, items):
     assert s2.deltas_refused == 0                                # a timeout is not a refusal
 
 
+def test_a_slow_adapter_drops_its_oldest_latents_and_counts_them(source_model, items):
+    """Receiving never waits for learning: while the adaptation thread is busy (here: not woken
+    at all, nothing spins the node), the inbox keeps the newest latents and counts the rest."""
+    from rclpy.parameter import Parameter
+
+    from async_ttt_ros.nodes.adaptation_node import AdaptationNode
+    msgs = latent_msgs(source_model, items, 64)
+    sent = msgs + msgs[:40]                       # 104 messages, one frame each
+    with rclpy_in_domain(free_domain_id()) as context:
+        node = AdaptationNode(context=context, parameter_overrides=[
+            Parameter('batch_size', value=16), Parameter('niceness', value=0)])
+        try:
+            capacity = node._inbox.maxlen
+            assert capacity == 64                     # max(2 * batch_size, 64)
+            for m in sent:
+                node._on_latents(m)
+            assert node.latents_received == len(sent)
+            assert node.dropped_by_reason == {'tap': 0, 'shape': 0, 'nonfinite': 0, 'version': 0,
+                                              'busy': len(sent) - capacity}
+            assert node.latents_dropped == len(sent) - capacity
+            # the newest survive, in arrival order
+            assert len(node._inbox) == capacity
+            assert all(np.array_equal(np.frombuffer(m.data, np.float32), t.numpy().ravel())
+                       for m, (t, _, _) in zip(sent[-capacity:], node._inbox))
+        finally:
+            node.destroy_node()
+
+
+FAILING_ADAPTER = """
+import sys
+from async_ttt_ros.nodes import adaptation_node
+
+def provoked(self):
+    raise RuntimeError('provoked failure in the adaptation thread')
+
+adaptation_node.AdaptationNode._tick = provoked
+sys.exit(adaptation_node.main(['--ros-args', '-p', 'adapt_rate:=20.0', '-p', 'niceness:=0']))
+"""
+
+
+def test_a_failing_adaptation_thread_ends_the_node_with_an_error(source_model):
+    """The learner runs on its own thread; if it dies the process must not live on publishing a
+    status that looks healthy: it logs the traceback and exits non-zero."""
+    proc = python_process(['-c', FAILING_ADAPTER], env=ros_env(free_domain_id()))
+    try:
+        proc.wait(timeout=120)
+    finally:
+        out = stop(proc)
+    assert proc.returncode == 1, out[-3000:]
+    assert 'adaptation thread failed' in out and 'provoked failure' in out, out[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # SROS2 policy vs the endpoints the real nodes create
 

@@ -38,6 +38,10 @@ from ..ros_conversions import (DeltaFormatError, LatentFormatError, delta_to_req
 from ._common import declare, diagnostic_array, load_hmac_key, run
 
 METHODS = ('source', 'norm', 'tent', 'eata', 'safe')
+
+
+class AdaptationThreadFailed(RuntimeError):
+    """Raised on the executor thread when the adaptation thread died: ends the spin."""
 DROP_REASONS = ('tap', 'shape', 'nonfinite', 'version', 'busy')
 
 
@@ -111,6 +115,7 @@ class AdaptationNode(Node):
         self._wake = threading.Event()      # a tick, a response or shutdown
         self._tick_due = False
         self._stopping = threading.Event()
+        self._destroyed = False
         self.failure: BaseException | None = None
 
         # Counters: each is written by one thread only (the GIL makes the reads safe).
@@ -137,6 +142,9 @@ class AdaptationNode(Node):
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.create_timer(1.0 / self.adapt_rate, self._on_tick)
         self.create_timer(status_period, self._publish_status, clock=steady)
+        # The adaptation thread reports its death through the executor, which owns the node's
+        # lifetime (shutting the context down from that thread would destroy the node under it).
+        self._failure_signal = self.create_guard_condition(self._on_adaptation_failure)
         self._worker = threading.Thread(target=self._adaptation_loop, name='adaptation',
                                         daemon=True)
         self._worker.start()
@@ -145,9 +153,13 @@ class AdaptationNode(Node):
                                f'nice +{self.niceness}')
 
     def destroy_node(self) -> None:
+        if self._destroyed:      # rclpy's context cleanup and the owner may both call it
+            return
+        self._destroyed = True
         self._stopping.set()
         self._wake.set()
-        self._worker.join(timeout=10.0)
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout=10.0)
         super().destroy_node()
 
     @property
@@ -186,6 +198,9 @@ class AdaptationNode(Node):
     def _on_response(self, _future) -> None:
         self._wake.set()
 
+    def _on_adaptation_failure(self) -> None:
+        raise AdaptationThreadFailed(f'adaptation thread failed: {self.failure!r}')
+
     # -- the adaptation thread -------------------------------------------------------------------
     def _adaptation_loop(self) -> None:
         while True:
@@ -200,13 +215,13 @@ class AdaptationNode(Node):
                     self._tick_due = False
                     self._tick()
                 self._adapter_status = self.adapter.status()
-            except Exception as exc:   # noqa: BLE001 - a dead learner must not look alive
+            except Exception as exc:   # noqa: BLE001 - any failure ends the node, see below
                 if self._stopping.is_set() or not self.context.ok():
                     return
                 self.failure = exc
                 self.get_logger().fatal(f'adaptation thread failed: {exc}\n'
                                         f'{traceback.format_exc()}')
-                self.context.try_shutdown()   # ends the spin; main() exits non-zero
+                self._failure_signal.trigger()   # a dead learner must not look alive
                 return
 
     def _ingest_inbox(self) -> None:
@@ -368,14 +383,8 @@ class AdaptationNode(Node):
 def main(args=None) -> int:
     # All callbacks are short (the learning runs on the node's own thread): a single-threaded
     # executor, whose per-callback overhead is a fraction of the multi-threaded one's.
-    nodes = []
-
-    def build() -> AdaptationNode:
-        node = _lowered_priority_node()
-        nodes.append(node)
-        return node
-    run(build, single_threaded=True, args=args)
-    return 1 if nodes and nodes[0].failure is not None else 0
+    # AdaptationThreadFailed propagates out of the spin: the process exits non-zero.
+    return run(_lowered_priority_node, single_threaded=True, args=args)
 
 
 def _lowered_priority_node() -> AdaptationNode:
