@@ -25,25 +25,15 @@ from rclpy.time import Time
 from async_ttt_ros_interfaces.msg import AdaptationStatus, GroundTruth, Prediction
 
 from .. import qos
+from ..core.frame_log import FrameLog
 from ._common import declare, diagnostic_array, run
+
+
+LIVE_LATENCY_FRAMES = 10_000   # /diagnostics latency percentiles: the newest ~5 min at 30 Hz
 
 
 def _key(header) -> tuple[int, int]:
     return int(header.stamp.sec), int(header.stamp.nanosec)
-
-
-class Track:
-    """Per-frame outcome of one prediction stream: correct (1/0, NaN = no prediction)."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.correct: list[float] = []
-        self.versions: list[int] = []
-
-    def accuracy(self, last: int | None = None) -> float:
-        values = np.asarray(self.correct[-last:] if last else self.correct, dtype=float)
-        values = values[np.isfinite(values)]
-        return float(values.mean()) if values.size else math.nan
 
 
 class MonitorNode(Node):
@@ -65,14 +55,13 @@ class MonitorNode(Node):
                                 '("" = "adapted (<method>)" from adaptation_status).')
 
         self._lock = threading.Lock()
-        self._pending_truth: dict[tuple[int, int], tuple[GroundTruth, float]] = {}
+        # Only frames still waiting for a prediction are keyed by stamp; everything else lives
+        # in the FrameLog's arrays (hours of frames, a few bytes each).
+        self._pending_truth: dict[tuple[int, int], tuple[GroundTruth, float, int]] = {}
         self._pending_pred: dict[str, dict[tuple[int, int], tuple[Prediction, float]]] = {
             'adapted': {}, 'source': {}}
-        self._frames: dict[tuple[int, int], int] = {}      # stamp -> row in the tracks
-        self.tracks = {'adapted': Track('adapted'), 'source': Track('source')}
-        self.truths: list[tuple[int, str, int]] = []       # (frame_index, corruption, severity)
-        self.e2e_ms: list[float] = []
-        self.perception_ms: list[float] = []
+        self.log = FrameLog(('adapted', 'source'))
+        self.tracks = self.log.tracks
         self.dropped = 0
         self.model_version = 0
         self.versions_seen: set[int] = set()
@@ -102,50 +91,52 @@ class MonitorNode(Node):
     def _on_truth(self, msg: GroundTruth) -> None:
         key = _key(msg.header)
         with self._lock:
-            row = len(self.truths)
-            self.truths.append((int(msg.frame_index), str(msg.corruption), int(msg.severity)))
-            self._frames[key] = row
-            for track in self.tracks.values():
-                track.correct.append(math.nan)
-                track.versions.append(-1)
-            self._pending_truth[key] = (msg, time.monotonic())
+            row = self.log.add_truth(int(msg.frame_index), str(msg.corruption), int(msg.severity))
+            self._pending_truth[key] = (msg, time.monotonic(), row)
             for name, pending in self._pending_pred.items():
                 if key in pending:
                     pred, received_ns = pending.pop(key)
                     self._score(name, row, msg, pred, received_ns)
+            self._settle(key, row)
 
     def _on_prediction(self, msg: Prediction, name: str) -> None:
         received_ns = self.get_clock().now().nanoseconds
         key = _key(msg.header)
         with self._lock:
-            row = self._frames.get(key)
-            if row is None:    # prediction before its ground truth: hold it briefly
+            truth = self._pending_truth.get(key)
+            if truth is None:    # prediction before its ground truth: hold it briefly
                 self._pending_pred[name][key] = (msg, received_ns)
                 return
-            truth = self._pending_truth.get(key)
-            if truth is not None:
-                self._score(name, row, truth[0], msg, received_ns)
+            self._score(name, truth[2], truth[0], msg, received_ns)
+            self._settle(key, truth[2])
+
+    def _settle(self, key, row: int) -> None:
+        """Forget the stamp of a frame every track has scored."""
+        if all(track.is_scored(row) for track in self.tracks.values()):
+            del self._pending_truth[key]
 
     def _score(self, name: str, row: int, truth: GroundTruth, pred: Prediction, received_ns: int) -> None:
         track = self.tracks[name]
-        track.correct[row] = float(int(pred.class_index) == int(truth.class_index))
-        track.versions[row] = int(pred.model_version)
+        if track.is_scored(row):     # a duplicate (e.g. a replayed bag): the first one counts
+            return
+        track.score(row, int(pred.class_index) == int(truth.class_index), int(pred.model_version))
         if name == 'adapted':
             stamp_ns = Time.from_msg(truth.header.stamp).nanoseconds
-            self.e2e_ms.append((received_ns - stamp_ns) * 1e-6)
-            self.perception_ms.append(float(pred.latency_ms))
+            self.log.add_latency((received_ns - stamp_ns) * 1e-6, float(pred.latency_ms))
             self.model_version = int(pred.model_version)
             self.versions_seen.add(int(pred.model_version))
 
     def _expire(self) -> None:
-        """Ground truths older than match_timeout without a prediction are dropped frames."""
+        """Ground truths older than match_timeout without a prediction are dropped frames.
+
+        A track's prediction that comes later is not scored: the frame stays dropped.
+        """
         now = time.monotonic()
         with self._lock:
-            for key, (msg, t) in list(self._pending_truth.items()):
+            for key, (_msg, t, row) in list(self._pending_truth.items()):
                 if now - t < self.match_timeout:
                     continue
-                row = self._frames.get(key)
-                if row is not None and not math.isfinite(self.tracks['adapted'].correct[row]):
+                if not self.tracks['adapted'].is_scored(row):
                     self.dropped += 1
                 del self._pending_truth[key]
             for pending in self._pending_pred.values():
@@ -157,13 +148,17 @@ class MonitorNode(Node):
         self.status = msg
 
     # -- outputs -----------------------------------------------------------------------------------
-    def summary(self) -> dict:
+    def summary(self, latency_last: int | None = None) -> dict:
+        """Counts and accuracies of the whole run; latency percentiles over the whole run or,
+        with `latency_last`, over the newest frames only (what /diagnostics shows every second:
+        a percentile over hours of frames would cost more each second)."""
         with self._lock:
-            e2e = np.asarray(self.e2e_ms, dtype=float)
-            perc = np.asarray(self.perception_ms, dtype=float)
+            e2e, perc = self.log.e2e_ms.view(), self.log.perception_ms.view()
+            if latency_last:
+                e2e, perc = e2e[-latency_last:], perc[-latency_last:]
             adapted, source = self.tracks['adapted'], self.tracks['source']
-            frames = len(self.truths)
-            predicted = int(np.isfinite(np.asarray(adapted.correct, dtype=float)).sum())
+            frames = len(self.log)
+            predicted = adapted.scored
             return {
                 'frames': frames, 'predicted': predicted, 'dropped': self.dropped,
                 'accuracy': adapted.accuracy(), 'accuracy_window': adapted.accuracy(self.window),
@@ -173,14 +168,14 @@ class MonitorNode(Node):
                 'perception_latency_p50_ms': _pct(perc, 50),
                 'perception_latency_p99_ms': _pct(perc, 99),
                 'model_version': self.model_version, 'versions_seen': len(self.versions_seen),
-                'elapsed_s': time.monotonic() - self._t_start,
+                'elapsed_s': time.monotonic() - self._t_start, 'latency_frames': int(e2e.size),
             }
 
     def _on_diag_timer(self) -> None:
         if not self.context.ok():
             return
         self._expire()
-        s = self.summary()
+        s = self.summary(latency_last=LIVE_LATENCY_FRAMES)
         st = self.status
         values = {**s}
         if st is not None:
@@ -192,10 +187,10 @@ class MonitorNode(Node):
             f"acc {_fmt_pct(s['accuracy'])} (source {_fmt_pct(s['source_accuracy'])}), "
             f"version {s['model_version']}", values))
 
-    def _run(self, name: str, track: Track, method: str, frames: int, e2e: np.ndarray,
+    def _run(self, name: str, track, method: str, frames: int, e2e: np.ndarray,
              perc: np.ndarray) -> dict:
-        correct = np.asarray(track.correct, dtype=float)
-        predicted = int(np.isfinite(correct).sum())
+        correct = track.correct.view().astype(np.float64)
+        predicted = track.scored
         windows = []
         for start in range(0, len(correct), self.window):
             chunk = correct[start:start + self.window]
@@ -206,7 +201,7 @@ class MonitorNode(Node):
             'accuracy': float(np.nanmean(correct)) if predicted else None,
             'accuracy_strict': float(np.nan_to_num(correct, nan=0.0).mean()) if frames else None,
             'frames': {'total': frames, 'predicted': predicted, 'dropped': frames - predicted},
-            'updates': {'applied': len(set(v for v in track.versions if v > 0))},
+            'updates': {'applied': int(np.unique(track.versions.view()[track.versions.view() > 0]).size)},
             'decisions': None,
             'latency_ms': {'p50': _pct(e2e, 50), 'p99': _pct(e2e, 99),
                            'perception_p50': _pct(perc, 50), 'perception_p99': _pct(perc, 99)},
@@ -223,16 +218,16 @@ class MonitorNode(Node):
         from ..core.report import write_report
         self._expire()
         with self._lock:
-            frames = len(self.truths)
-            e2e = np.asarray(self.e2e_ms, dtype=float)
-            perc = np.asarray(self.perception_ms, dtype=float)
+            frames = len(self.log)
+            e2e = self.log.e2e_ms.view().astype(np.float64)
+            perc = self.log.perception_ms.view().astype(np.float64)
             method = self.status.method if self.status is not None else 'served'
             name = self.run_name or f'adapted ({method})'
             runs = [self._run(name, self.tracks['adapted'], method, frames, e2e, perc)]
-            if np.isfinite(np.asarray(self.tracks['source'].correct, dtype=float)).any():
+            if self.tracks['source'].scored:
                 runs.append(self._run('source (frozen)', self.tracks['source'], 'source', frames,
                                       np.asarray([]), np.asarray([])))
-            segments = _segments(self.truths)
+            segments = self.log.segment_list()
         status = self.status
         extra = {'summary': self.summary()}
         if status is not None:
@@ -253,17 +248,6 @@ class MonitorNode(Node):
             self.get_logger().error(f'writing the report to {self.output_dir} failed: {exc}')
             return None
         return {k: str(v) for k, v in paths.items()}
-
-
-def _segments(truths) -> list[dict]:
-    """Contiguous runs of (corruption, severity) in arrival order, as report segments."""
-    segs = []
-    for row, (_, corruption, severity) in enumerate(truths):
-        if segs and segs[-1]['corruption'] == corruption and segs[-1]['severity'] == severity:
-            segs[-1]['end'] = row + 1
-        else:
-            segs.append({'start': row, 'end': row + 1, 'corruption': corruption, 'severity': severity})
-    return segs
 
 
 def _pct(values: np.ndarray, q: float):
