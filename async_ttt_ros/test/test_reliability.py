@@ -320,6 +320,12 @@ def test_queues_are_bounded(secured, source_model):
             assert depths[('perception_node', 'pub', 'latents')].depth == 5
             assert depths[('perception_node', 'pub', 'prediction')].depth == 10
             assert depths[('adaptation_node', 'sub', 'latents')].depth == 5
+            # latents in a callback group of their own (a multi-threaded executor composing the
+            # node receives them beside the adaptation clock)
+            latents_sub = next(e for e in adaptation.subscriptions
+                               if e.topic_name.endswith('latents'))
+            assert all(e.callback_group is not latents_sub.callback_group
+                       for e in [*adaptation.timers, *adaptation.clients])
             # internal buffers: latency window and the adapter's memory have fixed capacities
             assert perception.latency._values.maxlen == 1000
             assert adaptation.adapter.memory.capacity == 128

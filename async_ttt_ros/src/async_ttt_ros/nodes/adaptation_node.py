@@ -3,8 +3,9 @@
 Two threads, so that receiving never waits for learning:
 
 - The executor thread (a SingleThreadedExecutor in `main`) does only I/O. `latents` (best
-  effort, keep last 5) are validated and put into a bounded inbox; when the adapter falls
-  behind, the inbox drops its oldest entries (counted as `busy`), perception never notices.
+  effort, keep last 5, their own callback group) are validated and put into a bounded inbox;
+  when the adapter falls behind, the inbox drops its oldest entries (counted as `busy`),
+  perception never notices.
   A timer at `adapt_rate` Hz (on the node's clock, so it follows /clock with use_sim_time)
   only wakes the adaptation thread; status and diagnostics are published from a snapshot.
 - The adaptation thread owns the Adapter: it moves the inbox into the Adapter's memory, runs
@@ -26,6 +27,7 @@ import traceback
 
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 
@@ -134,14 +136,23 @@ class AdaptationNode(Node):
         self.resyncs = 0
         self._adapter_status = self.adapter.status()   # snapshot for the status timer
 
-        self.create_subscription(LatentBatch, 'latents', self._on_latents, qos.latents_qos())
-        self.apply_client = self.create_client(ApplyParameterDelta, 'apply_parameter_delta')
-        self.state_client = self.create_client(GetAdaptableState, 'get_adaptable_state')
+        # Latents in a callback group of their own: in `main` one thread runs every callback,
+        # but a user composing this node into a multi-threaded executor still gets latents
+        # received beside the timers, and each callback kind stays single-threaded (the
+        # counters above rely on it).
+        self.create_subscription(LatentBatch, 'latents', self._on_latents, qos.latents_qos(),
+                                 callback_group=MutuallyExclusiveCallbackGroup())
+        clock_group = MutuallyExclusiveCallbackGroup()   # the tick and the service answers
+        self.apply_client = self.create_client(ApplyParameterDelta, 'apply_parameter_delta',
+                                               callback_group=clock_group)
+        self.state_client = self.create_client(GetAdaptableState, 'get_adaptable_state',
+                                               callback_group=clock_group)
         self.status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status', qos.status_qos())
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', qos.diagnostics_qos())
         steady = Clock(clock_type=ClockType.STEADY_TIME)
-        self.create_timer(1.0 / self.adapt_rate, self._on_tick)
-        self.create_timer(status_period, self._publish_status, clock=steady)
+        self.create_timer(1.0 / self.adapt_rate, self._on_tick, callback_group=clock_group)
+        self.create_timer(status_period, self._publish_status, clock=steady,
+                          callback_group=MutuallyExclusiveCallbackGroup())
         # The adaptation thread reports its death through the executor, which owns the node's
         # lifetime (shutting the context down from that thread would destroy the node under it).
         self._failure_signal = self.create_guard_condition(self._on_adaptation_failure)
