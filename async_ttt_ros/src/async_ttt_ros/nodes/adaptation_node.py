@@ -196,9 +196,15 @@ class AdaptationNode(Node):
         if predicted is not None and len(predicted) != view.shape[0]:
             predicted = None
         if len(self._inbox) == self._inbox.maxlen:
-            old = self._inbox[0][0]
-            self._drop('busy', 'the adapter is behind; oldest unprocessed latents dropped',
-                       int(old.shape[0]))
+            # Make room explicitly (the deque's own eviction is silent): the adaptation thread
+            # may empty the inbox between the check and here, then nothing is lost.
+            try:
+                oldest = self._inbox.popleft()
+            except IndexError:
+                oldest = None
+            if oldest is not None:
+                self._drop('busy', 'the adapter is behind; oldest unprocessed latents dropped',
+                           int(oldest[0].shape[0]))
         # copy: the view aliases the message buffer, which rclpy may reuse
         self._inbox.append((torch.from_numpy(view.copy()), int(msg.model_version), predicted))
 
@@ -236,7 +242,7 @@ class AdaptationNode(Node):
                 return
 
     def _ingest_inbox(self) -> None:
-        while self._inbox:
+        for _ in range(len(self._inbox)):     # what is there now: a fast camera cannot pin us here
             latents, version, predicted = self._inbox.popleft()
             # Latents are only as good as the model version they are tagged with: one newer than
             # anything acknowledged to us means perception restarted, another adapter got a
