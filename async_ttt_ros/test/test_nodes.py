@@ -324,6 +324,7 @@ def test_monitor_reports_accuracy_and_writes_report(graph, tmp_path):
         assert probe.spin_until(scored, 60.0), probe.diagnostics.get('monitor_node: evaluation')
     finally:
         log = stop(monitor)
+    assert (tmp_path / 'report.json').exists(), log[-3000:]
     report = json.loads((tmp_path / 'report.json').read_text())
     assert (tmp_path / 'plot.png').stat().st_size > 1000, log
     adapted, source = report['runs'][0], report['runs'][1]

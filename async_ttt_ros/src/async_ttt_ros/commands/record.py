@@ -15,7 +15,7 @@ import sys
 import time
 
 from .. import bags
-from ._interruptible import init_rclpy_stopped_by_signals
+from ..stop_signals import init_rclpy_stopped_by_signals
 
 HELP = 'record topics of the running graph into a rosbag2 (mcap or sqlite3)'
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 from .. import bags
-from ._interruptible import init_rclpy_stopped_by_signals
+from ..stop_signals import init_rclpy_stopped_by_signals
 
 HELP = 'publish a rosbag2 with its original timing (rate, loop, start offset, /clock)'
 

@@ -145,19 +145,29 @@ def run(node_factory: Callable[[], object], threads: int | None = None,
     `single_threaded`, a SingleThreadedExecutor: far less executor overhead per callback, for
     nodes whose callbacks are all short. `on_shutdown(node)` runs once whatever ends the spin
     (e.g. the monitor writes its report).
+
+    Once the node is built, SIGINT/SIGTERM only set a flag that the spin loop checks between
+    callbacks (stop_signals.py): a KeyboardInterrupt raised inside a callback could leave a lock
+    held that the shutdown path then waits on forever. While the node is being built (which may
+    train a model) Ctrl-C still interrupts at once.
     """
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 
-    rclpy.init(args=args)
+    from ..stop_signals import init_rclpy_without_signal_handlers, stop_on_signals
+
+    init_rclpy_without_signal_handlers(args)
     node = None
     try:
         node = node_factory()
+        stop = stop_on_signals()
         executor = (SingleThreadedExecutor() if single_threaded
                     else MultiThreadedExecutor(num_threads=threads))
         executor.add_node(node)
         try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
+            # spin() in steps, so that the flag is seen within SPIN_STEP_S of a signal
+            while not stop.is_set() and rclpy.ok():
+                executor.spin_once(timeout_sec=SPIN_STEP_S)
+        except ExternalShutdownException:
             pass
         finally:
             executor.shutdown(timeout_sec=1.0)
@@ -170,3 +180,6 @@ def run(node_factory: Callable[[], object], threads: int | None = None,
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+SPIN_STEP_S = 0.1
