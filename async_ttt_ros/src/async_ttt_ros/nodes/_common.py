@@ -136,22 +136,21 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def run(node_factory: Callable[[], object], threads: int | None = None,
-        on_shutdown: Callable[[object], None] | None = None, args=None,
-        single_threaded: bool = False) -> int:
+def run(node_factory: Callable[[], object],
+        on_shutdown: Callable[[object], None] | None = None, args=None) -> int:
     """rclpy.init, build the node, spin until Ctrl-C/SIGTERM, clean up.
 
-    A MultiThreadedExecutor with `threads` threads (None: rclpy's default), or, with
-    `single_threaded`, a SingleThreadedExecutor: far less executor overhead per callback, for
-    nodes whose callbacks are all short. `on_shutdown(node)` runs once whatever ends the spin
-    (e.g. the monitor writes its report).
+    A SingleThreadedExecutor for every node: their callbacks are all short (the adapter learns
+    on a thread of its own), and rclpy's MultiThreadedExecutor cost perception about a third of
+    its CPU per frame in bookkeeping. `on_shutdown(node)` runs once whatever ends the spin (e.g.
+    the monitor writes its report).
 
     Once the node is built, SIGINT/SIGTERM only set a flag that the spin loop checks between
     callbacks (stop_signals.py): a KeyboardInterrupt raised inside a callback could leave a lock
     held that the shutdown path then waits on forever. While the node is being built (which may
     train a model) Ctrl-C still interrupts at once.
     """
-    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
 
     from ..stop_signals import init_rclpy_without_signal_handlers, stop_on_signals
 
@@ -160,8 +159,7 @@ def run(node_factory: Callable[[], object], threads: int | None = None,
     try:
         node = node_factory()
         stop = stop_on_signals()
-        executor = (SingleThreadedExecutor() if single_threaded
-                    else MultiThreadedExecutor(num_threads=threads))
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         try:
             # spin() in steps, so that the flag is seen within SPIN_STEP_S of a signal

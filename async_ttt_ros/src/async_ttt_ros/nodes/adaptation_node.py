@@ -401,7 +401,7 @@ def main(args=None) -> int:
     # All callbacks are short (the learning runs on the node's own thread): a single-threaded
     # executor, whose per-callback overhead is a fraction of the multi-threaded one's.
     # AdaptationThreadFailed propagates out of the spin: the process exits non-zero.
-    return run(_lowered_priority_node, single_threaded=True, args=args)
+    return run(_lowered_priority_node, args=args)
 
 
 def _lowered_priority_node() -> AdaptationNode:

@@ -268,7 +268,7 @@ def main(args=None) -> int:
     # Single-threaded: measured in `make demo`, rclpy's MultiThreadedExecutor spent most of this
     # node's CPU (~27 ms per frame) on its own bookkeeping (polling its backlog of pending
     # callback futures), fell behind, and inflated the end-to-end latencies it reports.
-    return run(MonitorNode, on_shutdown=finish, single_threaded=True, args=args)
+    return run(MonitorNode, on_shutdown=finish, args=args)
 
 
 if __name__ == '__main__':

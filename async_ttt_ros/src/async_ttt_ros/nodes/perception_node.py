@@ -366,7 +366,7 @@ def main(args=None) -> int:
     # none dropped. Nothing here needs a second thread: a delta is validated and swapped in under
     # a millisecond (between frames, by construction) and checkpoints are written on their own
     # thread.
-    return run(PerceptionNode, single_threaded=True, args=args)
+    return run(PerceptionNode, args=args)
 
 
 if __name__ == '__main__':

@@ -187,7 +187,7 @@ def _class_names():
 def main(args=None) -> int:
     # Single-threaded: a frame timer and a 1 Hz diagnostics tick need no thread pool, and the
     # MultiThreadedExecutor's hand-off per tick costs CPU the perception node needs (see there).
-    return run(SimCameraNode, single_threaded=True, args=args)
+    return run(SimCameraNode, args=args)
 
 
 if __name__ == '__main__':
